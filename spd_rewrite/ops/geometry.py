@@ -1,6 +1,6 @@
 """Layout of an SPD replacement along one spatial axis.
 
-A window op (conv or pool) with kernel ``k``, stride ``s``, padding ``p`` and dilation ``d`` reads, for
+A window op (conv or pool) with kernel ``k``, stride ``s``, padding ``p``, dilation ``d`` reads, for
 output ``i`` and tap ``t``, input element ``s*i + d*t - p``. After space-to-depth with scale ``s``
 the same element sits in block ``b`` at phase ``r`` with ``s*b + r = s*i + d*t - p``, so a stride-1
 op over the blocks can read it. :func:`plan_axis` picks, per axis, the stride-1 kernel size, the

@@ -19,6 +19,7 @@ from spd_rewrite.errors import (
     VerificationError,
     WeightTransferError,
 )
+from spd_rewrite.io.saved_folder import load, save
 from spd_rewrite.ops.blocks import ConvSPD, SPDConv, SPDMaxPool
 from spd_rewrite.ops.space_to_depth import SpaceToDepth, space_to_depth
 from spd_rewrite.pipeline import RewriteResult, rewrite
@@ -51,7 +52,9 @@ __all__ = [
     "WeightTransferError",
     "__version__",
     "builtin_rule_sets",
+    "load",
     "load_rule_set",
     "rewrite",
+    "save",
     "space_to_depth",
 ]

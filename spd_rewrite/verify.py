@@ -88,7 +88,7 @@ def verify(
 
     before = tensor_shapes(reference_output)
     after = tensor_shapes(output)
-    if _structure(before) != _structure(after):
+    if _structure(reference_output) != _structure(output):
         raise VerificationError(
             f"the rewritten model returns a different output structure: {_brief(before)} before, "
             f"{_brief(after)} after"
@@ -136,8 +136,8 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return found
 
 
-def _structure(shapes: Any) -> Any:
-    return fx.node.map_aggregate(shapes, lambda v: "tensor" if isinstance(v, tuple) else v)
+def _structure(value: Any) -> Any:
+    return fx.node.map_aggregate(value, lambda v: "tensor" if torch.is_tensor(v) else type(v))
 
 
 def _brief(shapes: Any) -> str:

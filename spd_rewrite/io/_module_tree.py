@@ -28,7 +28,7 @@ from torch import fx, nn
 from spd_rewrite.errors import OutputFolderError
 from spd_rewrite.io.spec import USER_MODULE_PREFIX, import_source_file
 
-__all__ = ["ModuleTreeEncoder", "build_module_tree", "import_path"]
+__all__ = ["ModuleTreeEncoder", "build_module_tree", "first_line", "import_path"]
 
 # Every key of ``__dict__`` that these constructors create is rebuilt on load, never stored.
 _MODULE_INIT_KEYS = frozenset(nn.Module().__dict__)
@@ -372,6 +372,12 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def first_line(error: BaseException) -> str:
+    """Return ``"ErrorType: first line of the message"``, to keep error messages on one line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -445,7 +451,13 @@ class _TreeBuilder:
         if isinstance(module, fx.GraphModule):
             assert graph_record is not None
             module.graph = self._build_graph(graph_record, where)
-            module.graph.lint()
+            try:
+                module.graph.lint()
+            except RuntimeError as error:
+                raise OutputFolderError(
+                    f"saved folder {str(self.folder)!r}: the graph of {where} is invalid "
+                    f"({first_line(error)}); the folder is corrupt or was edited"
+                ) from error
         return module
 
     def _tensor(self, entry: Mapping[str, Any] | None, name: str) -> torch.Tensor | None:
@@ -455,7 +467,7 @@ class _TreeBuilder:
             return self._built_tensors[entry["same_as"]]
         if name not in self.tensors:
             raise OutputFolderError(
-                f"saved folder {str(self.folder)!r}: model.safetensors lacks tensor {name!r}; "
+                f"saved folder {str(self.folder)!r}: model.safetensors is missing tensor {name!r}; "
                 "the folder is incomplete or was edited, so save the model again"
             )
         tensor = self.tensors[name].requires_grad_(entry["requires_grad"])
@@ -498,7 +510,12 @@ class _TreeBuilder:
         except (ImportError, AttributeError, ValueError) as error:
             raise OutputFolderError(
                 f"saved folder {str(self.folder)!r}: {where} needs {path!r}, which cannot be "
-                f"imported ({type(error).__name__}: {error}); install the package that defines it"
+                f"imported ({first_line(error)}); install the package that defines it"
+            ) from error
+        except Exception as error:
+            raise OutputFolderError(
+                f"saved folder {str(self.folder)!r}: {where} needs {path!r}, and importing it "
+                f"failed with {first_line(error)}; fix the module that defines it"
             ) from error
 
     def _decode(self, value: Any, where: str, nodes: Mapping[str, fx.Node] | None = None) -> Any:

@@ -33,7 +33,12 @@ from torch import fx, nn
 
 import spd_rewrite
 from spd_rewrite.errors import OutputFolderError
-from spd_rewrite.io._module_tree import ModuleTreeEncoder, build_module_tree, import_path
+from spd_rewrite.io._module_tree import (
+    ModuleTreeEncoder,
+    build_module_tree,
+    first_line,
+    import_path,
+)
 from spd_rewrite.io.checkpoint import unshared_cpu_tensors
 
 __all__ = ["FORMAT_VERSION", "load", "read_manifest", "save"]
@@ -106,8 +111,9 @@ def save(
         files[MANIFEST_FILE] = _json_bytes(manifest)
     except (TypeError, ValueError) as error:
         raise OutputFolderError(
-            f"cannot save to {str(folder)!r}: the metadata is not JSON-serializable ({error}); "
-            "pass only str, int, float, bool, None, lists and str-keyed dicts"
+            f"cannot save to {str(folder)!r}: the metadata is not JSON-serializable "
+            f"({first_line(error)}); pass only str, int, float, bool, None, lists and "
+            "str-keyed dicts"
         ) from error
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -142,15 +148,15 @@ def load(folder: str | os.PathLike[str]) -> nn.Module:
         tensors = safetensors.torch.load_file(folder / WEIGHTS_FILE, device="cpu")
     except (SafetensorError, OSError) as error:
         raise OutputFolderError(
-            f"saved folder {str(folder)!r}: {WEIGHTS_FILE} cannot be read ({error}); it is "
-            "missing or corrupt, so save the model again"
+            f"saved folder {str(folder)!r}: {WEIGHTS_FILE} cannot be read "
+            f"({first_line(error)}); it is missing or corrupt, so save the model again"
         ) from error
     try:
         return build_module_tree(tree, tensors, folder)
     except (KeyError, TypeError) as error:
         raise OutputFolderError(
-            f"saved folder {str(folder)!r}: {TREE_FILE} is malformed ({type(error).__name__}: "
-            f"{error}); save the model again"
+            f"saved folder {str(folder)!r}: {TREE_FILE} is malformed ({first_line(error)}); "
+            "save the model again"
         ) from error
 
 
@@ -207,8 +213,8 @@ def _read_json(folder: Path, name: str) -> Any:
         return json.loads((folder / name).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise OutputFolderError(
-            f"saved folder {str(folder)!r}: {name} cannot be read ({error}); it is missing or "
-            "corrupt, so save the model again"
+            f"saved folder {str(folder)!r}: {name} cannot be read ({first_line(error)}); "
+            "it is missing or corrupt, so save the model again"
         ) from error
 
 
@@ -285,6 +291,9 @@ def _binding(name: str, value: object) -> tuple[str | None, str | None]:
         return None, f'{name} = float("{value!r}")'
     if value is type(None):
         return None, f"{name} = type(None)"
+    if isinstance(value, str):
+        # A string annotation (modules with `from __future__ import annotations`).
+        return None, f"{name} = {value!r}"
     reference = import_path(value)
     if reference is None:
         raise OutputFolderError(

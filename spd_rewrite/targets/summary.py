@@ -11,7 +11,7 @@ from spd_rewrite.graph.fx_ops import OpKind, classify_module
 from spd_rewrite.ops.blocks import REPLACEMENT_TYPES
 from spd_rewrite.targets.registry import build_target, get_target
 
-__all__ = ["TargetSummary", "summarize"]
+__all__ = ["TargetSummary", "downsampling_modules", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def summarize(name: str) -> TargetSummary:
     info = get_target(name)
     model = build_target(name).eval()
     params = sum(p.numel() for p in model.parameters())
-    left = _downsampling_modules(model)
+    left = downsampling_modules(model)
 
     meta_model = model.to("meta")
     example = torch.empty(1, 3, info.input_size, info.input_size, device="meta")
@@ -43,7 +43,8 @@ def summarize(name: str) -> TargetSummary:
     return TargetSummary(name, info.input_size, params, counter.get_total_flops() / 1e9, left)
 
 
-def _downsampling_modules(model: torch.nn.Module) -> int:
+def downsampling_modules(model: torch.nn.Module) -> int:
+    """Count strided conv and pool modules outside replacement blocks."""
     count = 0
     inside_blocks: list[str] = []
     for name, module in model.named_modules():

@@ -31,6 +31,7 @@ from spd_rewrite.graph.build import (
     TransferKind,
     build_replacement,
 )
+from spd_rewrite.graph.channels import apply_channel_plan, propagate_conv_first
 from spd_rewrite.graph.fx_ops import classify_node, describe_op
 from spd_rewrite.graph.match import Candidate, Match, find_candidates, match_rules
 from spd_rewrite.graph.replace import install_block, original_weights
@@ -40,7 +41,7 @@ from spd_rewrite.modules_mode import rewrite_submodules
 from spd_rewrite.report.from_plan import count_params, layer_record, skip_record
 from spd_rewrite.report.record import LeafRecord, RewriteReport, Totals
 from spd_rewrite.rules.loader import load_rule_set
-from spd_rewrite.rules.model import Action, RuleSet
+from spd_rewrite.rules.model import Action, Rule, RuleSet
 from spd_rewrite.verify import run_model, verify
 
 __all__ = ["RewriteResult", "rewrite"]
@@ -110,10 +111,11 @@ def rewrite(
     if mode == "modules":
         result = rewrite_submodules(working, inputs, rule_set, transfer_mode)
         rewritten, layers, skips, leaves, warnings = working, result.layers, result.skips, (), []
+        channel_edits: tuple[str, ...] = ()
         unused = result.unused_rules
         warnings += unused_rule_warnings(rule_set, unused)
     else:
-        rewritten, layers, skips, leaves, warnings, unused = _rewrite_graph(
+        rewritten, layers, skips, leaves, warnings, unused, channel_edits = _rewrite_graph(
             working, inputs, rule_set, transfer_mode, leaf_modules
         )
 
@@ -157,6 +159,7 @@ def rewrite(
         left=verification.left,
         unused_rules=unused,
         warnings=tuple(warnings),
+        channel_edits=channel_edits,
     )
     logger.info(
         "rewrote %s: %d replaced, %d downsampling left",
@@ -186,7 +189,7 @@ def _rewrite_graph(
         if node.op == "call_module" and any(leaf.name == node.target for leaf in traced.leaves)
     }
     for node in leaf_nodes.values():
-        keep.update(arg.name for arg in node.args if isinstance(arg, fx.Node))
+        keep.update(arg.name for arg in node.all_input_nodes)  # also nodes inside lists
     if transfer is Transfer.EXACT:
         for node in gm.graph.nodes:
             if classify_node(node, gm) is not None and node.args:
@@ -225,6 +228,19 @@ def _rewrite_graph(
             ) from error
         built.append((match, block))
 
+    # Widen the consumers of conv-first blocks, or rebuild a block SPD-first where its rule allows.
+    def rebuild(match: Match, rule: Rule) -> Built:
+        candidate = match.candidate
+        weights = original_weights(gm, nodes[candidate.node_name], candidate.op)
+        return build_replacement(
+            candidate.op, rule, candidate.in_shape, weights, transfer, rule_set.channel_order
+        )
+
+    channels = propagate_conv_first(gm, built, record.shapes, transfer, rebuild)
+    built = list(channels.built)
+    warnings += channels.warnings
+    apply_channel_plan(gm, channels.plan, built)
+
     # Replace the matched nodes, then lint and recompile once.
     layers = []
     for match, block in built:
@@ -238,17 +254,20 @@ def _rewrite_graph(
     # Rewrite inside the leaves at module level (SPD-first keeps their channel counts).
     leaves = []
     for leaf in traced.leaves:
-        leaf_module = gm.get_submodule(leaf.name) if _has_submodule(gm, leaf.name) else None
-        if leaf_module is not None:
-            leaf_inputs = _leaf_inputs(leaf.name, leaf_nodes.values(), record.values)
-            inner = rewrite_submodules(
-                leaf_module, leaf_inputs, rule_set, transfer, prefix=leaf.name, spd_first_only=True
-            )
-            layers += inner.layers
-            skips += inner.skips
+        if not _has_submodule(gm, leaf.name):
+            # The forward never calls it (a residual branch that is off, for example), so
+            # delete_all_unused_submodules dropped it and there is nothing to rewrite or verify.
+            continue
+        leaf_module = gm.get_submodule(leaf.name)
+        leaf_inputs = _leaf_inputs(leaf.name, leaf_nodes.values(), record.values)
+        inner = rewrite_submodules(
+            leaf_module, leaf_inputs, rule_set, transfer, prefix=leaf.name, spd_first_only=True
+        )
+        layers += inner.layers
+        skips += inner.skips
         leaves.append(LeafRecord(leaf.name, leaf.module_type, leaf.reason))
 
-    return gm, layers, skips, leaves, warnings, matched.unused_rules
+    return gm, layers, skips, leaves, warnings, matched.unused_rules, channels.plan.lines
 
 
 def unused_rule_warnings(rule_set: RuleSet, unused: tuple[str, ...]) -> list[str]:
@@ -266,15 +285,10 @@ def _leaf_inputs(name: str, nodes, values: dict[str, Any]) -> tuple[Any, ...] | 
     for node in nodes:
         if node.target != name or node.kwargs:
             continue
-        inputs = []
-        for arg in node.args:
-            if isinstance(arg, fx.Node):
-                if arg.name not in values:
-                    return None
-                inputs.append(values[arg.name])
-            else:
-                inputs.append(arg)
-        return tuple(inputs)
+        if any(arg.name not in values for arg in node.all_input_nodes):
+            return None
+        # Arguments may nest nodes in lists (DenseNet's layers take a list of feature maps).
+        return tuple(fx.node.map_arg(node.args, lambda arg: values[arg.name]))
     return None
 
 

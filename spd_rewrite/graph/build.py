@@ -17,11 +17,11 @@ from torch import nn
 from spd_rewrite.errors import UnsupportedNodeError, WeightTransferError
 from spd_rewrite.graph.fx_ops import OpKind, WindowOp, describe_op
 from spd_rewrite.ops.avg_pool_divisor import AvgPoolDivisorCorrection
-from spd_rewrite.ops.blocks import SPDConv, SPDMaxPool
+from spd_rewrite.ops.blocks import ConvSPD, SPDConv, SPDMaxPool
 from spd_rewrite.ops.geometry import AxisLayout, WindowAxis, plan_axis
 from spd_rewrite.ops.phase_max import PhaseMax
 from spd_rewrite.ops.space_to_depth import SpaceToDepth
-from spd_rewrite.rules.model import Action, Rule
+from spd_rewrite.rules.model import Action, Order, Rule
 from spd_rewrite.transfer.exact import (
     avg_pool_divisor_is_constant,
     avg_pool_weight_divisor,
@@ -109,6 +109,8 @@ def build_replacement(
     """
     if rule.action is Action.REMOVE:
         return Built(None, "removed", TransferKind.NONE, 1, ())
+    if rule.order is Order.CONV_FIRST:
+        return _build_conv_first(op, rule, original, transfer, channel_order)
 
     if op.kind is OpKind.CONV and op.groups > 1 and channel_order == "reference":
         raise UnsupportedNodeError(
@@ -165,6 +167,58 @@ def build_replacement(
     if correction is not None:
         description += " -> divisor correction"
     return Built(SPDConv(spd, conv, correction), description, kind, 1, layouts)
+
+
+def _build_conv_first(
+    op: WindowOp, rule: Rule, original: OriginalWeights, transfer: Transfer, channel_order: str
+) -> Built:
+    """Build the conv at stride 1 followed by SPD: a block with ``prod(stride)`` times the channels.
+
+    Stride-1 output ``s*i`` reads the same inputs as strided output ``i``, so phase 0 of an SPD
+    layer with no ``pad_before`` and blocks rounded up contains the strided output for every input
+    size. Exact transfer therefore copies the original weights unchanged; the consumers downstream
+    must read phase 0 (:mod:`spd_rewrite.graph.channels` widens them).
+    """
+    if op.kind is not OpKind.CONV or op.in_channels is None or op.out_channels is None:
+        raise UnsupportedNodeError(f"order 'conv-first' applies to convs only, not {op.op_name}")
+    if rule.kernel.mode != "same":
+        raise UnsupportedNodeError(
+            f"order 'conv-first' keeps the conv's kernel, but rule {rule.name!r} sets "
+            f'kernel = {rule.kernel}; set kernel = "same" in that rule'
+        )
+
+    device, dtype = _placement(original, op)
+    conv = _CONV_CLASSES[op.dims](
+        op.in_channels,
+        op.out_channels,
+        kernel_size=op.kernel,
+        stride=1,
+        padding=op.padding,
+        dilation=op.dilation,
+        groups=op.groups,
+        bias=op.has_bias,
+        device=device,
+        dtype=dtype,
+    )
+    spd = SpaceToDepth(scale=op.stride, dims=op.dims, order=channel_order)  # type: ignore[arg-type]
+    kind = TransferKind.FRESH
+    if transfer is Transfer.EXACT:
+        if original.weight is None:
+            raise WeightTransferError("the original conv weight is not available")
+        with torch.no_grad():
+            conv.weight.copy_(original.weight.detach())
+            if conv.bias is not None and original.bias is not None:
+                conv.bias.copy_(original.bias.detach())
+        kind = TransferKind.EXACT
+
+    factor = math.prod(op.stride)
+    description = (
+        f"Conv{op.dims}d({op.in_channels}->{op.out_channels}, k{_fmt(op.kernel)}, s1"
+        f"{', p' + _fmt(op.padding) if any(op.padding) else ''}"
+        f"{', g' + str(op.groups) if op.groups > 1 else ''}) -> SPD({_fmt(op.stride)}), "
+        f"{op.out_channels * factor} channels out"
+    )
+    return Built(ConvSPD(conv, spd), description, kind, factor, ())
 
 
 def _spd(

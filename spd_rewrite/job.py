@@ -7,6 +7,7 @@ does is available from Python too.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def run_job(job: RewriteJob) -> JobOutcome:
     )
 
     out = None
+    out_existed = job.out is not None and job.out.exists()
     if job.out is not None:
         metadata = {
             "model": job.model,
@@ -121,7 +123,15 @@ def run_job(job: RewriteJob) -> JobOutcome:
 
     report_path = None
     if job.report_path is not None:
-        report_path = write_report(result.report, job.report_path)
+        try:
+            report_path = write_report(result.report, job.report_path)
+        except BaseException:
+            # The report may go inside --out, so it is written after the folder is saved. A
+            # failure removes the folder if this job created it, but a folder that --force
+            # replaced cannot be restored.
+            if out is not None and not out_existed:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     return JobOutcome(result, out, report_path)
 
 
@@ -144,3 +154,16 @@ def _check_outputs(job: RewriteJob) -> None:
             raise OutputFolderError(
                 f"report path {str(job.report_path)!r} is a directory; name a .json or .md file"
             )
+        parent = _first_existing_parent(job.report_path)
+        if not parent.is_dir():
+            raise OutputFolderError(
+                f"report path {str(job.report_path)!r} cannot be created because "
+                f"{str(parent)!r} is a file; name a report path inside a folder"
+            )
+
+
+def _first_existing_parent(path: Path) -> Path:
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent

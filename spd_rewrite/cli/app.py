@@ -1,8 +1,12 @@
 """The ``spd-rewrite`` command line: parse, call the library, render, map errors to exit codes.
 
-Exit codes: 0 success; 1 the pass refused to emit a model (verification or channel propagation
-failed); 2 bad input (model spec, weights, rule file, input shape, output folder); 3 an
-unexpected internal error (a bug: rerun with ``--debug`` and report the traceback).
+Exit codes:
+
+* 0: success;
+* 1: the pass refused to emit a model (verification or channel propagation failed);
+* 2: bad input (model spec, weights, rule file, input shape, output folder) or a failed file
+  operation such as a full disk;
+* 3: an unexpected internal error, which is a bug: rerun with ``--debug`` and report the traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from spd_rewrite.errors import SpdRewriteError
 
 __all__ = ["app", "main"]
 
+EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 
 app = typer.Typer(
@@ -63,12 +68,27 @@ def _configure(
 
 
 def fail(error: BaseException) -> None:
-    """Print ``error`` as one line on stderr and exit with its code (traceback with --debug)."""
+    """Print ``error`` as one line on stderr and exit with its code (traceback with --debug).
+
+    An ``SpdRewriteError`` exits with its ``exit_code``, an ``OSError`` with 2, anything else
+    with 3.
+    """
     if _State.debug:
         stderr.print_exception(show_locals=False)
     if isinstance(error, SpdRewriteError):
         stderr.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(error.exit_code)
+    if isinstance(error, OSError):
+        # A file-system failure (disk full, permission denied) is not a bug in spd-rewrite.
+        where = f" on {error.filename!r}" if error.filename else ""
+        reason = error.strerror or str(error)
+        stderr.print(
+            f"[bold red]error:[/] file operation failed{where}: {reason}",
+            markup=True,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_BAD_INPUT)
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     stderr.print(
         f"[bold red]internal error:[/] {type(error).__name__}: {message} "

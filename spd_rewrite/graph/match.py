@@ -80,11 +80,17 @@ class MatchResult:
 def node_location(node: fx.Node) -> str:
     """Return ``file:line`` of the user code that created ``node``, or an empty string."""
     trace = node.stack_trace or ""
-    frames = _FRAME.findall(trace)
+    frames = [frame for frame in _FRAME.findall(trace) if not _is_library_frame(frame[0])]
     if not frames:
         return ""
     path, line, _ = frames[-1]
     return f"{path}:{line}"
+
+
+def _is_library_frame(path: str) -> bool:
+    """Frames inside torch or spd_rewrite are tracing machinery, not the user's call site."""
+    normalized = path.replace("\\", "/")
+    return "/torch/" in normalized or "/spd_rewrite/" in normalized
 
 
 def layer_name(node: fx.Node) -> str:
@@ -137,12 +143,16 @@ def match_rules(candidates: list[Candidate], rule_set: RuleSet) -> MatchResult:
         if not candidate.downsampling:
             skips.append(Skip(candidate, _why_not_downsampling(candidate)))
             continue
-        rule = rule_set.first_match(candidate.op, candidate.name, candidate.position)
+        adaptive = candidate.op.kind in (OpKind.ADAPTIVE_AVG_POOL, OpKind.ADAPTIVE_MAX_POOL)
+        # Rules cannot name adaptive pools, which have no stride for them to test.
+        rule = None
+        if not adaptive:
+            rule = rule_set.first_match(candidate.op, candidate.name, candidate.position)
         if rule is not None:
             used.add(rule.name)
         if candidate.op.unsupported:
             skips.append(Skip(candidate, f"cannot be replaced: {candidate.op.unsupported}"))
-        elif candidate.op.kind in (OpKind.ADAPTIVE_AVG_POOL, OpKind.ADAPTIVE_MAX_POOL):
+        elif adaptive:
             skips.append(
                 Skip(
                     candidate,

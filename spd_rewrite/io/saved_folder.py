@@ -78,8 +78,9 @@ def save(
 
     Raises:
         OutputFolderError: the folder exists and is not empty, an extra file name is invalid, the
-            metadata is not JSON, or part of the model cannot be saved (the message names the
-            module path, attribute or node).
+            metadata is not JSON, part of the model cannot be saved (the message names the
+            module path, attribute or node), or writing a file failed. An ``OSError`` from the
+            final rename into place propagates as is.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -119,11 +120,19 @@ def save(
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
     try:
-        safetensors.torch.save_file(
-            unshared_cpu_tensors(encoder.tensors), staging / WEIGHTS_FILE, metadata={"format": "pt"}
-        )
-        for name, content in files.items():
-            (staging / name).write_bytes(content)
+        try:
+            safetensors.torch.save_file(
+                unshared_cpu_tensors(encoder.tensors),
+                staging / WEIGHTS_FILE,
+                metadata={"format": "pt"},
+            )
+            for name, content in files.items():
+                (staging / name).write_bytes(content)
+        except (OSError, SafetensorError) as error:
+            raise OutputFolderError(
+                f"writing the saved folder {str(folder)!r} failed ({first_line(error)}); "
+                "check the free space and permissions of its parent folder"
+            ) from error
         _move_into_place(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -62,6 +62,8 @@ _ACTION_KEYS = {"action", "kernel", "order", "fallback"}
 _RULE_KEYS = {"name", "description"} | _MATCH_KEYS | _ACTION_KEYS
 _CHANNEL_ORDERS = ("unshuffle", "reference")
 _TOML_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)")
+# tomllib's position for an error it finds only at the end, such as an unclosed array.
+_TOML_END = "(at end of document)"
 
 
 def builtin_rule_sets() -> dict[str, str]:
@@ -122,7 +124,9 @@ def parse_rule_set(text: str, source: str = "<string>") -> RuleSet:
         message = str(error)
         position = _TOML_POSITION.search(message)
         where = f"{source}:{position.group(1)}" if position else source
-        detail = _TOML_POSITION.sub("", message).strip()
+        if _TOML_END in message:
+            where = f"{source}:{max(len(text.splitlines()), 1)} (end of file)"
+        detail = _TOML_POSITION.sub("", message).replace(_TOML_END, "").strip()
         raise RuleDefinitionError(f"malformed TOML in {where}: {detail}") from None
 
     locator = _Locator(text, source)

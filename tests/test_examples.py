@@ -1,0 +1,27 @@
+"""Each script in examples/ runs as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_finetune_exact_example_matches_then_trains():
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / "finetune_exact.py"), "--steps", "4", "--size", "12"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert lines[0].startswith("baseline: loss")
+    assert lines[1].startswith("rewritten: 6 layers, max |y_new - y_old| = ")
+    error = float(lines[1].rsplit("= ", 1)[1])
+    assert error < 1e-4
+    assert lines[3].startswith("SPD after fine-tuning: loss")

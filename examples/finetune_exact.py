@@ -67,9 +67,8 @@ def main() -> None:
     spd_accuracy = accuracy(result.model, images, labels)
     loss = train(result.model, images, labels, args.steps, lr=0.01)
     print(f"SPD before fine-tuning: accuracy {spd_accuracy:.3f}")
-    print(
-        f"SPD after fine-tuning: loss {loss:.3f}, accuracy {accuracy(result.model, images, labels):.3f}"
-    )
+    final = accuracy(result.model, images, labels)
+    print(f"SPD after fine-tuning: loss {loss:.3f}, accuracy {final:.3f}")
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def rewrite(
     params_before = count_params(working)
 
     if mode == "modules":
-        result = rewrite_submodules(working, inputs, rule_set, transfer_mode)
+        # Without a graph there is no channel propagation, so conv-first rules are skipped.
+        result = rewrite_submodules(working, inputs, rule_set, transfer_mode, spd_first_only=True)
         rewritten, layers, skips, leaves, warnings = working, result.layers, result.skips, (), []
         channel_edits: tuple[str, ...] = ()
         unused = result.unused_rules

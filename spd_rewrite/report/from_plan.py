@@ -10,6 +10,8 @@ from torch import nn
 from spd_rewrite.graph.build import Built, Transfer, conv_flops
 from spd_rewrite.graph.fx_ops import OpKind, WindowOp, describe_op
 from spd_rewrite.graph.match import Candidate, Match
+from spd_rewrite.ops.blocks import ConvSPD
+from spd_rewrite.ops.space_to_depth import SpaceToDepth
 from spd_rewrite.report.record import LayerRecord, SkipRecord
 from spd_rewrite.verify import max_abs_difference
 
@@ -29,9 +31,12 @@ def layer_record(
     flops_after = 0
     conv = getattr(block.module, "conv", None)
     if isinstance(conv, nn.modules.conv._ConvNd):
-        flops_after = conv_flops(
-            candidate.out_shape, conv.in_channels, conv.groups, tuple(conv.kernel_size)
+        conv_out = (
+            _stride1_output_shape(candidate, conv)
+            if isinstance(block.module, ConvSPD)
+            else candidate.out_shape
         )
+        flops_after = conv_flops(conv_out, conv.in_channels, conv.groups, tuple(conv.kernel_size))
 
     error = None
     if transfer is Transfer.EXACT and block.module is not None and candidate.node_name in values:
@@ -64,7 +69,31 @@ def _local_error(candidate: Candidate, block: Built, values: dict[str, Any]) -> 
     assert block.module is not None
     with torch.no_grad():
         actual = block.module.eval()(source)
+    if isinstance(block.module, ConvSPD) and torch.is_tensor(expected):
+        actual = _phase_zero(actual, block.module.spd, expected.shape[1])
     return max_abs_difference(expected, actual)
+
+
+def _phase_zero(widened: torch.Tensor, spd: SpaceToDepth, channels: int) -> torch.Tensor:
+    """Return the channels of SPD phase 0, which hold the strided op's output (conv-first)."""
+    if spd.order == "unshuffle":
+        # channel = c * S + phase
+        return widened[:, :: spd.channel_factor][:, :channels]
+    # channel = phase * C + c
+    return widened[:, :channels]
+
+
+def _stride1_output_shape(candidate: Candidate, conv: nn.modules.conv._ConvNd):
+    """Return the output shape of the stride-1 conv of a conv-first block."""
+    if candidate.in_shape is None:
+        return None
+    spatial = [
+        size + 2 * pad - dilation * (kernel - 1)
+        for size, pad, dilation, kernel in zip(
+            candidate.in_shape[2:], conv.padding, conv.dilation, conv.kernel_size, strict=True
+        )
+    ]
+    return (candidate.in_shape[0], conv.out_channels, *spatial)
 
 
 def skip_record(candidate: Candidate, reason: str) -> SkipRecord:

@@ -81,7 +81,7 @@ def default_input_shape(spec: str) -> tuple[int, ...]:
 
 
 def run_job(job: RewriteJob) -> JobOutcome:
-    """Load, rewrite, verify and save as ``job`` says; leave no partial output on failure."""
+    """Load, rewrite, verify and save as ``job`` requests; leave no partial output on failure."""
     shape = (
         parse_input_shape(job.input_shape) if job.input_shape else default_input_shape(job.model)
     )

@@ -1,8 +1,8 @@
 """The public pass: trace, match, replace, verify and report.
 
 ``rewrite`` returns the rewritten model and its report. In ``mode="graph"`` (the default) the model
-is traced with torch.fx and the result is a ``GraphModule``; in ``mode="modules"`` conv and pool
-submodules are swapped in place on a copy, keeping the model's own class. The user's model is
+is traced with torch.fx and the result is a ``GraphModule``. In ``mode="modules"`` conv and pool
+submodules are swapped in place on a copy, which keeps the model's own class. The user's model is
 never modified.
 """
 

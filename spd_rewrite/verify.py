@@ -32,7 +32,7 @@ EXACT_RTOL = 1e-4
 
 @dataclass(frozen=True)
 class Verification:
-    """What verification found."""
+    """Outcome of verification: output shapes, errors and the downsampling steps left."""
 
     output_shapes_before: Any
     output_shapes_after: Any

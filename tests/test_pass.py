@@ -302,7 +302,7 @@ def test_residual_add_with_strided_shortcut():
     _assert_close(model(x), result.model(x))
 
 
-def test_spd_max_pool_block_is_exact_in_modules_mode():
+def test_spd_max_exact_in_modules_mode():
     rules = parse_rule_set("[[rule]]\nname = 'max'\nop = ['max_pool']\naction = 'spd-max'\n")
     model = nn.Sequential(nn.MaxPool2d(3, 2, 1, ceil_mode=False))
     x = torch.randn(1, 2, 13, 11)

@@ -27,7 +27,7 @@ def targets(
         typer.Option("--only", help="Comma-separated target names to list (default: all)."),
     ] = None,
 ) -> None:
-    """List the bundled targets; with --measure, their size and cost as the paper tabulates."""
+    """List the bundled targets; with --measure, also parameters, GFLOPs and downsampling left."""
     from spd_rewrite.targets import list_targets
     from spd_rewrite.targets.summary import summarize
 

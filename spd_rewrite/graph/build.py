@@ -38,14 +38,14 @@ _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class Transfer(StrEnum):
-    """How replacement weights are initialised."""
+    """Initialisation of replacement weights."""
 
     FRESH = "fresh"  # PyTorch's default initialisation of the new layers
     EXACT = "exact"  # weights that compute the original function where the math allows
 
 
 class TransferKind(StrEnum):
-    """What a replacement computes before any training, as reported per layer."""
+    """Fidelity of a replacement before any training, as reported per layer."""
 
     FRESH = "fresh"
     EXACT = "exact"

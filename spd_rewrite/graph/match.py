@@ -69,7 +69,7 @@ class Skip:
 
 @dataclass(frozen=True)
 class MatchResult:
-    """What matched, what was skipped (downsampling steps and look-alikes), and idle rules."""
+    """Matches, skips (downsampling steps and look-alikes) and the rules that matched nothing."""
 
     candidates: tuple[Candidate, ...]
     matches: tuple[Match, ...]

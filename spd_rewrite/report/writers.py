@@ -27,6 +27,7 @@ def markdown(report: RewriteReport) -> str:
     ]
     if totals.max_abs_error is not None:
         lines.append(f"- max abs output error: {format_error(totals.max_abs_error)}")
+
     lines += [
         "",
         "## Replaced layers",
@@ -45,6 +46,7 @@ def markdown(report: RewriteReport) -> str:
             f"{format_count(layer.flops_before)} -> {format_count(layer.flops_after)} | "
             f"{transfer} |"
         )
+
     if report.channel_edits:
         lines += ["", "## Channel edits", ""]
         lines += [f"- `{edit}`" for edit in report.channel_edits]

@@ -37,7 +37,7 @@ _EXTRA_SPATIAL = 32
 
 @dataclass(frozen=True)
 class _DynamicAxes:
-    """Which input axes the model accepts at other sizes, and a second input that exercises them."""
+    """Input axes that the model accepts at other sizes, and a second input that uses them."""
 
     batch: bool
     spatial: bool
@@ -80,10 +80,11 @@ def export_onnx(
         input_names = [f"input_{i}" for i, x in enumerate(inputs) if torch.is_tensor(x)]
         outputs = _flatten(reference)
         output_names = [f"output_{i}" for i in range(len(outputs))]
-        dynamic_axes = {
-            **{n: _axes_of(x, axes) for n, x in zip(input_names, _tensor_inputs(inputs), strict=True)},
-            **{n: _axes_of(y, axes) for n, y in zip(output_names, outputs, strict=True)},
-        }
+        named_tensors = [
+            *zip(input_names, _tensor_inputs(inputs), strict=True),
+            *zip(output_names, outputs, strict=True),
+        ]
+        dynamic_axes = {name: _axes_of(tensor, axes) for name, tensor in named_tensors}
         try:
             torch.onnx.export(
                 model,
@@ -104,9 +105,7 @@ def export_onnx(
 
         try:
             onnx.checker.check_model(str(target))
-            session = onnxruntime.InferenceSession(
-                str(target), providers=["CPUExecutionProvider"]
-            )
+            session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
         except Exception as error:
             raise VerificationError(
                 f"onnxruntime cannot load {str(target)!r}: {_first_line(error)}"
@@ -190,7 +189,8 @@ def trace_torchscript(
     """Trace ``model`` with ``torch.jit.trace`` and check the trace against the eager model.
 
     The trace is checked on the example input and, where the eager model accepts one, on a second
-    input with a larger batch and spatial size; a trace that baked in the example's sizes fails.
+    input with a larger batch and spatial size. A trace that recorded the example's sizes as
+    constants fails that second check.
 
     Raises:
         VerificationError: tracing failed or the traced module's outputs differ from the model's.

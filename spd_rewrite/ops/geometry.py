@@ -112,10 +112,14 @@ def plan_axis(axis: WindowAxis, kernel: int | None) -> AxisLayout:
         pad_before = scale * (left - padding)
         # The op's output size is blocks + 2*padding - kernel + 1; solve for blocks = Hout + c.
         constant = kernel - 1 - 2 * padding
-        block_offset = _block_offset(axis, constant)
-        layout = AxisLayout(scale, kernel, padding, pad_before, block_offset, fits_taps, taps)
-        if _keeps_every_read(axis, layout):
-            return layout
+        first_guess = _block_offset(axis, constant)
+        # In ceil mode PyTorch drops a last window that starts in the right padding, which can
+        # shift the output size by one for some sizes modulo the stride; a nearby offset may fit.
+        nearby = range(first_guess - scale, first_guess + scale + 1) if axis.ceil_mode else ()
+        for block_offset in [first_guess, *(o for o in nearby if o != first_guess)]:
+            layout = AxisLayout(scale, kernel, padding, pad_before, block_offset, fits_taps, taps)
+            if _keeps_every_read(axis, layout):
+                return layout
 
     raise ValueError(
         f"no space-to-depth layout reproduces the output size of kernel {axis.kernel}, "

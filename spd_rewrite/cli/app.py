@@ -102,7 +102,13 @@ def fail(error: BaseException) -> None:
 
 def _register_commands() -> None:
     # Importing the command modules registers their commands on `app`.
-    from spd_rewrite.cli import export_cmd, rewrite_cmd, rules_cmd, targets_cmd  # noqa: F401
+    from spd_rewrite.cli import (  # noqa: F401
+        export_cmd,
+        rewrite_cmd,
+        rules_cmd,
+        targets_cmd,
+        train_cmd,
+    )
 
 
 def main() -> None:

@@ -53,6 +53,18 @@ SMALL = Setting(
     detection_size=128,
     detection_batch=16,
 )
+# Only checks that every step runs (used by the test suite); the figures mean nothing.
+SMOKE = Setting(
+    sizes=(4,),
+    seeds=(0,),
+    epochs=1,
+    train_images=64,
+    batch_size=32,
+    detection_epochs=1,
+    detection_images=(8, 4),
+    detection_size=64,
+    detection_batch=4,
+)
 # Meant for a GPU.
 FULL = Setting(
     sizes=(8, 6, 4),
@@ -149,12 +161,17 @@ def render(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--small", action="store_true", help="a few minutes on a CPU")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="a CPU-sized run: 10 to 15 minutes on an idle 2-core CPU (estimate)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long check that it runs")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--out", type=Path, help="folder for the plot and generated data")
     parser.add_argument("--skip-detection", action="store_true", help="only run the digits part")
     args = parser.parse_args()
-    setting = SMALL if args.small else FULL
+    setting = SMOKE if args.smoke else SMALL if args.small else FULL
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="spd-vs-baseline-"))
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -25,3 +25,24 @@ def test_finetune_exact_example_matches_then_trains():
     error = float(lines[1].rsplit("= ", 1)[1])
     assert error < 1e-4
     assert lines[3].startswith("SPD after fine-tuning: loss")
+
+
+def test_spd_vs_baseline_example_smoke(tmp_path):
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "spd_vs_baseline.py"),
+            "--smoke",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "resnet18-lowres-spd" in completed.stdout
+    assert "yolov5n-spd" in completed.stdout
+    assert (tmp_path / "accuracy_vs_size.png").stat().st_size > 0

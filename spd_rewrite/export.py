@@ -240,14 +240,14 @@ def _check(
             f"{what} returns shapes {[tuple(y.shape) for y in found]} on inputs of shape "
             f"{shapes}, the model {[tuple(y.shape) for y in expected]}"
         )
-    error = max_abs_difference(expected, found)
+    difference = max_abs_difference(expected, found)
     scale = max((y.double().abs().max().item() for y in expected if y.numel()), default=0.0)
-    if not error <= EXPORT_RTOL * max(scale, 1e-12):
+    if not difference <= EXPORT_RTOL * max(scale, 1e-12):
         raise VerificationError(
             f"{what} differs from the model on inputs of shape {shapes}: max|diff| = "
-            f"{error:.3g} > {EXPORT_RTOL:g} * max|y| = {EXPORT_RTOL * scale:.3g}"
+            f"{difference:.3g} > {EXPORT_RTOL:g} * max|y| = {EXPORT_RTOL * scale:.3g}"
         )
-    logger.debug("%s matches the model on %s: max|diff| = %.3g", what, shapes, error)
+    logger.debug("%s matches the model on %s: max|diff| = %.3g", what, shapes, difference)
 
 
 def _dynamic_axes(model: nn.Module, inputs: tuple[Any, ...]) -> _DynamicAxes:

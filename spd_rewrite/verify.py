@@ -102,17 +102,18 @@ def verify(
             f'{_brief(after)}; a rule that changes shapes must say so (action = "remove")'
         )
 
-    error, scale = (None, _max_abs(reference_output))
+    difference: float | None = None
+    scale = _max_abs(reference_output)
     if before == after:
-        error = max_abs_difference(reference_output, output)
-        if math.isnan(error) and not math.isnan(scale):
+        difference = max_abs_difference(reference_output, output)
+        if math.isnan(difference) and not math.isnan(scale):
             raise VerificationError("the rewritten model returns NaN where the original did not")
-        if exact and error > EXACT_RTOL * max(scale, 1e-12):
+        if exact and difference > EXACT_RTOL * max(scale, 1e-12):
             raise VerificationError(
-                f"exact transfer missed its bound: max|y_new - y_old| = {error:.3g} > "
+                f"exact transfer missed its bound: max|y_new - y_old| = {difference:.3g} > "
                 f"{EXACT_RTOL:g} * max|y_old| = {EXACT_RTOL * scale:.3g}"
             )
-    return Verification(before, after, error, scale, len(left), tuple(left))
+    return Verification(before, after, difference, scale, len(left), tuple(left))
 
 
 def _rewritten_failed(error: Exception, shapes_may_change: bool) -> str:

@@ -108,7 +108,9 @@ def test_transposed_convs_untouched():
     result = _rewrite(model, x)
 
     _assert_untouched(model, x, result)
-    assert result.report.skips == ()  # transposed convs upsample; they are not window ops here
+    reasons = _reasons(result)
+    assert set(reasons) == {"up", "up3d"}
+    assert all("transposed conv or resize" in reason for reason in reasons.values())
 
 
 def test_sppf_stride_one_pools_skipped():
@@ -163,7 +165,9 @@ def test_interpolate_untouched():
     result = _rewrite(model, x)
 
     _assert_untouched(model, x, result)
-    assert result.report.skips == ()
+    reasons = _reasons(result)
+    assert len(reasons) == 3
+    assert all("transposed conv or resize" in reason for reason in reasons.values())
 
 
 def _small_cnn() -> nn.Module:

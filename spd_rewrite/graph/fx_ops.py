@@ -30,6 +30,7 @@ class OpKind(StrEnum):
     ADAPTIVE_MAX_POOL = "adaptive_max_pool"
     LP_POOL = "lp_pool"
     MEAN = "mean"
+    RESIZE = "resize"  # transposed convs, interpolation, pixel shuffle: look-alikes, never matched
 
 
 POOL_KINDS = frozenset({OpKind.MAX_POOL, OpKind.AVG_POOL})
@@ -94,6 +95,15 @@ _MODULE_KINDS: dict[type[nn.Module], tuple[OpKind, int]] = {
 }
 if hasattr(nn, "LPPool3d"):
     _MODULE_KINDS[nn.LPPool3d] = (OpKind.LP_POOL, 3)
+_MODULE_KINDS.update(
+    {
+        nn.ConvTranspose1d: (OpKind.RESIZE, 1),
+        nn.ConvTranspose2d: (OpKind.RESIZE, 2),
+        nn.ConvTranspose3d: (OpKind.RESIZE, 3),
+        nn.Upsample: (OpKind.RESIZE, 0),
+        nn.PixelShuffle: (OpKind.RESIZE, 2),
+    }
+)
 
 # Positional parameter names of the functional forms, after the input.
 _CONV_PARAMS = ("weight", "bias", "stride", "padding", "dilation", "groups")
@@ -174,6 +184,9 @@ def _function_table() -> dict[Any, tuple[OpKind, int, str, tuple[str, ...]]]:
             _LP_POOL_PARAMS,
         )
     add([torch.mean], OpKind.MEAN, 0, "torch.mean", ("dim", "keepdim"))
+    resize = [F.interpolate, F.pixel_shuffle, getattr(F, "upsample", None)]
+    resize += [getattr(F, f"conv_transpose{dims}d") for dims in (1, 2, 3)]
+    add(resize, OpKind.RESIZE, 0, "resize", ())
     return table
 
 
@@ -212,6 +225,8 @@ def classify_module(module: nn.Module) -> WindowOp | None:
         return None
     kind, dims = entry
     name = type(module).__name__
+    if kind is OpKind.RESIZE:
+        return WindowOp(kind, "module", dims, name)
     unsupported = None
     # A subclass with its own forward computes something else than its base layer.
     if type(module).forward is not base.forward:
@@ -297,6 +312,8 @@ def classify_node(node: fx.Node, gm: fx.GraphModule) -> WindowOp | None:
 
     if kind is OpKind.MEAN:
         return _mean_op(name, bound.get("dim"))
+    if kind is OpKind.RESIZE:
+        return WindowOp(kind, "function", dims, getattr(node.target, "__name__", name))
     if kind in (OpKind.ADAPTIVE_AVG_POOL, OpKind.ADAPTIVE_MAX_POOL):
         output_size = bound.get("output_size")
         if _has_node(output_size):
@@ -412,6 +429,8 @@ def describe_op(op: WindowOp) -> str:
         return f"{op.op_name}({_compact(op.output_size or ())})"
     if op.kind is OpKind.MEAN:
         return f"{op.op_name}(dim={list(op.mean_dims)})"
+    if op.kind is OpKind.RESIZE:
+        return op.op_name
     parts = []
     if op.in_channels is not None and op.out_channels is not None:
         parts.append(f"{op.in_channels}->{op.out_channels}")

@@ -217,13 +217,15 @@ def downsamples(op: WindowOp, in_shape, out_shape) -> bool:
         if spatial_in is None or spatial_out is None:
             return False
         return any(o < i for o, i in zip(spatial_out, spatial_in, strict=True))
-    if op.kind is OpKind.MEAN:
+    if op.kind in (OpKind.MEAN, OpKind.RESIZE):
         return False
     return op.is_strided
 
 
 def _why_not_downsampling(candidate: Candidate) -> str:
     op = candidate.op
+    if op.kind is OpKind.RESIZE:
+        return "a transposed conv or resize, not a strided conv or pool: never a match"
     if candidate.is_global:
         return "global pooling is never a match"
     if op.kind in (OpKind.ADAPTIVE_AVG_POOL, OpKind.ADAPTIVE_MAX_POOL):

@@ -54,10 +54,11 @@ class TraceResult:
 class _LeafFallbackTracer(fx.Tracer):
     """An fx tracer that records module paths and treats chosen submodules as leaves."""
 
-    def __init__(self, leaf_names: set[str]) -> None:
+    def __init__(self, leaf_names: set[str] | None = None) -> None:
+        # NOTE: fx re-creates a GraphModule's tracer class with no arguments when unpickling it.
         super().__init__()
         self.record_stack_traces = True
-        self.leaf_names = leaf_names
+        self.leaf_names = leaf_names or set()
         self.path_stack: list[str] = []
         # Deepest module whose forward raised during the last trace, and the error.
         self.failed_path: str | None = None

@@ -54,7 +54,8 @@ _GRAPH_MODULE_HOOK_KEYS = (
 # of these keys as its only key.
 _TAGS = (
     "__tuple__", "__dict__", "__float__", "__dtype__", "__device__", "__size__", "__import__",
-    "__node__", "__slice__", "__ellipsis__", "__memory_format__", "__layout__",
+    "__node__", "__slice__", "__ellipsis__", "__memory_format__", "__layout__", "__set__",
+    "__frozenset__",
 )  # fmt: skip
 
 
@@ -305,6 +306,10 @@ def encode_value(
             return {"__size__": list(item)}
         if isinstance(item, tuple) and type(item) is tuple:
             return {"__tuple__": [encode(x) for x in item]}
+        if type(item) in (set, frozenset):
+            # Sorted by encoded form, so that the same set always saves the same bytes.
+            members = sorted((encode(x) for x in item), key=repr)  # type: ignore[union-attr]
+            return {f"__{type(item).__name__}__": members}
         if isinstance(item, dict):
             for key in item:
                 if not isinstance(key, str):
@@ -345,7 +350,7 @@ def encode_value(
         raise OutputFolderError(
             f"cannot save {where}: a value of type {type(item).__module__}."
             f"{type(item).__qualname__} is not plain data; store None, bool, int, float, str, "
-            "list, tuple, str-keyed dict, torch.dtype, torch.device or torch.Size instead"
+            "list, tuple, set, str-keyed dict, torch.dtype, torch.device or torch.Size instead"
         )
 
     return encode(value)
@@ -532,6 +537,10 @@ class _TreeBuilder:
                 return {key: decode(x) for key, x in payload.items()}
             if tag == "__tuple__":
                 return tuple(decode(x) for x in payload)
+            if tag == "__set__":
+                return {decode(x) for x in payload}
+            if tag == "__frozenset__":
+                return frozenset(decode(x) for x in payload)
             if tag == "__float__":
                 return float(payload)
             if tag == "__size__":

@@ -17,6 +17,7 @@ reads the last elements) as the layer's ``pad_before`` and ``block_offset`` say;
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -68,11 +69,17 @@ def space_to_depth(
     if _must_pad(pads):
         x = F.pad(x, pads, value=pad_value)
 
-    if order == "unshuffle" and spatial == 2 and scale[0] == scale[1]:
-        # (N, C*s*s, H/s, W/s), channel = c*s*s + row_phase*s + col_phase
-        return F.pixel_unshuffle(x, scale[0])
+    if spatial == 2 and _is_channels_last(x):
+        return _channels_last_2d(x, scale, blocks, order)
 
     n, c = x.shape[0], x.shape[1]
+    if order == "unshuffle":
+        # One strided slice per phase, stacked after the channel axis: (N, C, prod(s), B1, ...),
+        # channel = c*prod(s) + row-major phase index. On a 2-core CPU with torch 2.14 this ran 2
+        # to 3 times faster than pixel_unshuffle or a reshape-permute copy (bench_spd_op.py).
+        slices = [x[_phase_index(phase, scale)] for phase in itertools.product(*map(range, scale))]
+        return torch.stack(slices, 2).reshape(n, c * math.prod(scale), *blocks)
+
     # (N, C, B1, s1, B2, s2, ...): split every spatial axis into (blocks, phase).
     split_shape = [n, c]
     for count, s in zip(blocks, scale, strict=True):
@@ -81,13 +88,37 @@ def space_to_depth(
 
     block_axes = [2 + 2 * axis for axis in range(spatial)]
     phase_axes = [3 + 2 * axis for axis in range(spatial)]
-    if order == "unshuffle":
-        # (N, C, s1, s2, ..., B1, B2, ...), channel = c*prod(s) + row-major phase index
-        x = x.permute(0, 1, *phase_axes, *block_axes)
-    else:
-        # (N, sn, ..., s1, C, B1, ...), channel = phase index (first axis fastest)*C + c
-        x = x.permute(0, *reversed(phase_axes), 1, *block_axes)
+    # (N, sn, ..., s1, C, B1, ...), channel = phase index (first axis fastest)*C + c
+    x = x.permute(0, *reversed(phase_axes), 1, *block_axes)
     return x.reshape(n, c * math.prod(scale), *blocks)
+
+
+def _phase_index(phase: tuple[int, ...], scale: tuple[int, ...]) -> tuple[object, ...]:
+    """Index the elements of one phase: ``x[..., r1::s1, r2::s2, ...]``."""
+    return (Ellipsis, *(slice(r, None, s) for r, s in zip(phase, scale, strict=True)))
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _channels_last_2d(
+    x: torch.Tensor, scale: tuple[int, ...], blocks: list[int], order: ChannelOrder
+) -> torch.Tensor:
+    """SPD of a channels-last 4-d tensor, returned channels-last, copying along memory order."""
+    n, c = x.shape[0], x.shape[1]
+    s1, s2 = scale
+    # (N, H, W, C) is the memory order of a channels-last tensor, so this is a view.
+    memory = x.permute(0, 2, 3, 1)
+    if order == "unshuffle":
+        # (N, B1, B2, C, s1*s2), channel = c*s1*s2 + row_phase*s2 + col_phase
+        phases = [memory[:, r::s1, q::s2, :] for r in range(s1) for q in range(s2)]
+        out = torch.stack(phases, -1)
+    else:
+        # (N, B1, s1, B2, s2, C) -> (N, B1, B2, s2, s1, C), channel = (col*s1 + row)*C + c
+        out = memory.reshape(n, blocks[0], s1, blocks[1], s2, c).permute(0, 1, 3, 4, 2, 5)
+    # (N, B1, B2, C') in memory, returned as the logical (N, C', B1, B2) channels-last view.
+    return out.reshape(n, blocks[0], blocks[1], c * s1 * s2).permute(0, 3, 1, 2)
 
 
 def _must_pad(pads: list[int]) -> bool:

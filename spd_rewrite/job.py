@@ -17,6 +17,7 @@ from spd_rewrite.errors import InputShapeError, OutputFolderError
 from spd_rewrite.io.checkpoint import apply_state_dict, read_state_dict
 from spd_rewrite.io.saved_folder import save
 from spd_rewrite.io.spec import load_model
+from spd_rewrite.ops.fused import fuse_spd_convs
 from spd_rewrite.pipeline import RewriteResult, rewrite
 from spd_rewrite.report.writers import write_report
 
@@ -43,6 +44,7 @@ class RewriteJob:
     force: bool = False
     report_path: Path | None = None
     seed: int = 0
+    fuse: str | None = None  # None, "measure" or "all"; see spd_rewrite.ops.fused
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class JobOutcome:
     result: RewriteResult
     out: Path | None
     report_path: Path | None
+    fused: tuple[str, ...] = ()  # SPDConv blocks saved in their fused form
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -104,6 +107,11 @@ def run_job(job: RewriteJob) -> JobOutcome:
         model_name=job.model,
     )
 
+    saved_model, fused = result.model, ()
+    if job.fuse is not None:
+        saved_model, names = fuse_spd_convs(result.model, example, force=job.fuse == "all")
+        fused = tuple(names)
+
     out = None
     out_existed = job.out is not None and job.out.exists()
     if job.out is not None:
@@ -114,12 +122,13 @@ def run_job(job: RewriteJob) -> JobOutcome:
             "mode": job.mode,
             "input_shape": list(shape),
             "weights": str(job.weights) if job.weights else None,
+            "fused": list(fused),
         }
         extra = {
             "report.json": result.report.to_json(),
             "report.md": result.report.to_markdown(),
         }
-        out = save(result.model, job.out, metadata=metadata, extra_files=extra, force=job.force)
+        out = save(saved_model, job.out, metadata=metadata, extra_files=extra, force=job.force)
 
     report_path = None
     if job.report_path is not None:
@@ -132,7 +141,7 @@ def run_job(job: RewriteJob) -> JobOutcome:
             if out is not None and not out_existed:
                 shutil.rmtree(out, ignore_errors=True)
             raise
-    return JobOutcome(result, out, report_path)
+    return JobOutcome(result, out, report_path, fused)
 
 
 def _check_outputs(job: RewriteJob) -> None:

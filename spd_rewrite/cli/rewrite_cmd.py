@@ -101,6 +101,20 @@ def rewrite(
     report: ReportPath = None,
     leaf: Leaf = None,
     explain: Explain = False,
+    fuse: Annotated[
+        bool,
+        typer.Option(
+            "--fuse",
+            help="Save each SPDConv block whose fused form (one strided conv computing the same "
+            "function) runs faster on the example input in that form.",
+        ),
+    ] = False,
+    fuse_all: Annotated[
+        bool,
+        typer.Option(
+            "--fuse-all", help="Save every SPDConv block that has a fused form in that form."
+        ),
+    ] = False,
 ) -> None:
     """Rewrite MODEL into SPD form, print the report and optionally save the result."""
     job = RewriteJob(
@@ -115,6 +129,7 @@ def rewrite(
         out=out,
         force=force,
         report_path=report,
+        fuse="all" if fuse_all else "measure" if fuse else None,
     )
     _run(job, explain)
 
@@ -164,6 +179,9 @@ def _run(job: RewriteJob, explain: bool) -> None:
         for skip in outcome.result.report.skips:
             if not skip.downsampling:
                 stdout.print(f"left alone {skip.name} {skip.op}: {skip.reason}", highlight=False)
+    if outcome.fused:
+        names = ", ".join(outcome.fused)
+        stdout.print(f"fused {len(outcome.fused)} SPDConv blocks: {names}", highlight=False)
     if outcome.report_path is not None:
         stdout.print(f"report written to {outcome.report_path}", highlight=False)
     if outcome.out is not None:

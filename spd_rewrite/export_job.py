@@ -12,6 +12,7 @@ from spd_rewrite.errors import OutputFolderError
 from spd_rewrite.export import export_onnx, export_pt2
 from spd_rewrite.io.saved_folder import load, read_manifest
 from spd_rewrite.job import RewriteJob, default_input_shape, parse_input_shape, run_job
+from spd_rewrite.verify import run_model
 
 __all__ = ["ExportJob", "run_export"]
 
@@ -66,6 +67,8 @@ def run_export(job: ExportJob) -> Path:
         shape = outcome.result.report.input_shapes[0]
 
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    # A wrong --input-shape fails here as a user error naming the shape, before any export.
+    run_model(model.eval(), (example,))
     if job.format == "onnx":
         return export_onnx(model, example, job.output, opset=job.opset, dynamic=job.dynamic)
     return export_pt2(model, example, job.output, dynamic=job.dynamic)

@@ -114,8 +114,12 @@ def _register_commands() -> None:
 def main() -> None:
     """Run the CLI (the ``spd-rewrite`` console script)."""
     _register_commands()
+    # `--debug` is a global option; accept it after the subcommand too, where users type it.
+    arguments = sys.argv[1:]
+    if "--debug" in arguments[1:] and arguments[0] != "--debug":
+        arguments = ["--debug", *(a for a in arguments if a != "--debug")]
     try:
-        app()
+        app(args=arguments, prog_name="spd-rewrite")
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)

@@ -49,7 +49,8 @@ def layer_record(
         replacement=block.description,
         rule=match.rule.name,
         in_shape=candidate.in_shape,
-        out_shape=candidate.out_shape,
+        # A removed op passes its input through.
+        out_shape=candidate.out_shape if block.module is not None else candidate.in_shape,
         params_before=params_before,
         params_after=params_after,
         flops_before=flops_before,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from spd_rewrite.errors import CheckpointError
+from spd_rewrite.io.checkpoint import apply_state_dict
 from spd_rewrite.train.checkpoint import load_model_weights
 from spd_rewrite.train.config import TrainConfig
 from spd_rewrite.train.data import DataBundle, load_data
@@ -66,12 +66,8 @@ def evaluate(
     device = resolve_device(config.device)
     model, target_name = build_model(target, bundle)
     if weights is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise CheckpointError(
-                f"weights {weights} do not fit {target_name or 'the model'}: {error}"
-            ) from error
+        # One line naming the first mismatching key, as for --weights of the rewrite command.
+        apply_state_dict(model, state, source=str(weights))
     model = model.to(device)
 
     dtype = amp_dtype(config, device)

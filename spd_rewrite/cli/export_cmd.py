@@ -9,7 +9,6 @@ import typer
 
 from spd_rewrite.cli.app import app, fail, stdout
 from spd_rewrite.cli.rewrite_cmd import InputShape, Rules, Transfer, TrustPickle, Weights
-from spd_rewrite.errors import SpdRewriteError
 from spd_rewrite.export_job import ExportJob, run_export
 
 __all__ = ["export"]
@@ -54,10 +53,7 @@ def export(
     )
     try:
         written = run_export(job)
-    except (SpdRewriteError, OSError) as error:
-        fail(error)
-        return
-    except Exception as error:  # an unexpected bug: exit 3, traceback only with --debug
+    except Exception as error:  # fail() maps it to one line and an exit code (3 for bugs)
         fail(error)
         return
     stdout.print(f"exported to {written}", highlight=False)

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from spd_rewrite.cli.app import app, fail, stdout
-from spd_rewrite.errors import SpdRewriteError
 from spd_rewrite.job import RewriteJob, run_job
 
 __all__ = ["plan", "rewrite"]
@@ -167,10 +166,7 @@ def plan(
 def _run(job: RewriteJob, explain: bool) -> None:
     try:
         outcome = run_job(job)
-    except (SpdRewriteError, OSError) as error:
-        fail(error)
-        return
-    except Exception as error:  # an unexpected bug: exit 3, traceback only with --debug
+    except Exception as error:  # fail() maps it to one line and an exit code (3 for bugs)
         fail(error)
         return
 

@@ -12,7 +12,6 @@ from typing import Annotated
 import typer
 
 from spd_rewrite.cli.app import app, fail, stdout
-from spd_rewrite.errors import SpdRewriteError
 
 __all__ = ["evaluate", "train"]
 
@@ -124,10 +123,7 @@ def train(
             progress=progress,
         )
         result = run_training(target, data, config)
-    except (SpdRewriteError, OSError) as error:
-        fail(error)
-        return
-    except Exception as error:  # an unexpected bug: exit 3, traceback only with --debug
+    except Exception as error:  # fail() maps it to one line and an exit code (3 for bugs)
         fail(error)
         return
 
@@ -167,10 +163,7 @@ def evaluate(
             progress=False,
         )
         result = run_evaluation(target, weights, data, config)
-    except (SpdRewriteError, OSError) as error:
-        fail(error)
-        return
-    except Exception as error:  # an unexpected bug: exit 3, traceback only with --debug
+    except Exception as error:  # fail() maps it to one line and an exit code (3 for bugs)
         fail(error)
         return
     stdout.print(json.dumps(result.metrics, indent=2), highlight=False)

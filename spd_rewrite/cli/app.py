@@ -32,6 +32,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Wide enough that choice lists such as the training recipes are not cut off.
+    context_settings={"max_content_width": 120},
 )
 
 # Off a terminal (pipes, files, CI logs) rich would wrap the report table at 80 columns.

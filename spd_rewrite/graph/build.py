@@ -142,6 +142,8 @@ def build_replacement(
         groups, has_bias = 1, True
     assert in_channels is not None and out_channels is not None
 
+    # Exact transfer overwrites every weight, so skip PyTorch's random initialisation there.
+    exact = transfer is Transfer.EXACT
     conv = _CONV_CLASSES[op.dims](
         in_channels * factor,
         out_channels,
@@ -150,9 +152,11 @@ def build_replacement(
         padding=padding,
         groups=groups,
         bias=has_bias,
-        device=device,
+        device="meta" if exact else device,
         dtype=dtype,
     )
+    if exact:
+        conv = conv.to_empty(device=device)
     spd = _spd(layouts, op.dims, channel_order)
     correction = None
     kind = TransferKind.FRESH

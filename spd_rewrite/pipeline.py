@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from spd_rewrite.graph.shapes import propagate_shapes
 from spd_rewrite.graph.trace import trace
 from spd_rewrite.modules_mode import rewrite_submodules
 from spd_rewrite.report.from_plan import count_params, layer_record, skip_record
-from spd_rewrite.report.record import LeafRecord, RewriteReport, Totals
+from spd_rewrite.report.record import LayerRecord, LeafRecord, RewriteReport, SkipRecord, Totals
 from spd_rewrite.rules.loader import load_rule_set
 from spd_rewrite.rules.model import Action, Rule, RuleSet
 from spd_rewrite.verify import run_model, verify
@@ -47,6 +47,19 @@ from spd_rewrite.verify import run_model, verify
 __all__ = ["RewriteResult", "rewrite"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Rewritten:
+    """What one of the two modes changed, before verification."""
+
+    model: nn.Module
+    layers: list[LayerRecord]
+    skips: list[SkipRecord]
+    leaves: list[LeafRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    unused_rules: tuple[str, ...] = ()
+    channel_edits: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,14 +124,16 @@ def rewrite(
     if mode == "modules":
         # Without a graph there is no channel propagation, so conv-first rules are skipped.
         result = rewrite_submodules(working, inputs, rule_set, transfer_mode, spd_first_only=True)
-        rewritten, layers, skips, leaves, warnings = working, result.layers, result.skips, (), []
-        channel_edits: tuple[str, ...] = ()
-        unused = result.unused_rules
-        warnings += unused_rule_warnings(rule_set, unused)
-    else:
-        rewritten, layers, skips, leaves, warnings, unused, channel_edits = _rewrite_graph(
-            working, inputs, rule_set, transfer_mode, leaf_modules
+        changes = _Rewritten(
+            model=working,
+            layers=result.layers,
+            skips=result.skips,
+            warnings=unused_rule_warnings(rule_set, result.unused_rules),
+            unused_rules=result.unused_rules,
         )
+    else:
+        changes = _rewrite_graph(working, inputs, rule_set, transfer_mode, leaf_modules)
+    rewritten, layers, leaves = changes.model, changes.layers, changes.leaves
 
     shapes_may_change = any(layer.action == Action.REMOVE.value for layer in layers)
     exact = transfer_mode is Transfer.EXACT and all(
@@ -143,7 +158,7 @@ def rewrite(
         transfer=transfer_mode.value,
         input_shapes=tuple(tuple(x.shape) for x in inputs if torch.is_tensor(x)),
         layers=tuple(layers),
-        skips=tuple(skips),
+        skips=tuple(changes.skips),
         leaves=tuple(leaves),
         totals=Totals(
             params_before=params_before,
@@ -158,9 +173,9 @@ def rewrite(
         output_shapes_before=verification.output_shapes_before,
         output_shapes_after=verification.output_shapes_after,
         left=verification.left,
-        unused_rules=unused,
-        warnings=tuple(warnings),
-        channel_edits=channel_edits,
+        unused_rules=changes.unused_rules,
+        warnings=tuple(changes.warnings),
+        channel_edits=changes.channel_edits,
     )
     logger.info(
         "rewrote %s: %d replaced, %d downsampling left",
@@ -177,7 +192,7 @@ def _rewrite_graph(
     rule_set: RuleSet,
     transfer: Transfer,
     leaf_modules: Sequence[str],
-):
+) -> _Rewritten:
     # Trace, keeping untraceable submodules whole.
     traced = trace(model, leaf_modules=leaf_modules)
     gm = traced.gm
@@ -268,7 +283,15 @@ def _rewrite_graph(
         skips += inner.skips
         leaves.append(LeafRecord(leaf.name, leaf.module_type, leaf.reason))
 
-    return gm, layers, skips, leaves, warnings, matched.unused_rules, channels.plan.lines
+    return _Rewritten(
+        model=gm,
+        layers=layers,
+        skips=skips,
+        leaves=leaves,
+        warnings=warnings,
+        unused_rules=matched.unused_rules,
+        channel_edits=tuple(channels.plan.lines),
+    )
 
 
 def unused_rule_warnings(rule_set: RuleSet, unused: tuple[str, ...]) -> list[str]:

@@ -171,7 +171,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for the plot and generated data")
     parser.add_argument("--skip-detection", action="store_true", help="only run the digits part")
     args = parser.parse_args()
-    setting = SMOKE if args.smoke else SMALL if args.small else FULL
+    setting = FULL
+    if args.smoke:
+        setting = SMOKE
+    elif args.small:
+        setting = SMALL
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="spd-vs-baseline-"))
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from spd_rewrite.errors import InputShapeError, OutputFolderError, VerificationError
+from spd_rewrite.errors import OutputFolderError, VerificationError
+from spd_rewrite.pipeline import as_inputs
 from spd_rewrite.verify import max_abs_difference
 
 __all__ = ["EXPORT_RTOL", "export_onnx", "export_pt2", "trace_torchscript"]
@@ -72,7 +73,7 @@ def export_onnx(
     import onnx
     import onnxruntime
 
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     target = _writable_file(path)
     with _eval_mode(model):
         axes = _dynamic_axes(model, inputs) if dynamic else _DynamicAxes(False, False, None)
@@ -147,7 +148,7 @@ def export_pt2(
         OutputFolderError: the file cannot be written or read back.
         VerificationError: export failed or the loaded program's outputs differ from the model's.
     """
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     target = _writable_file(path)
     with _eval_mode(model):
         axes = _dynamic_axes(model, inputs) if dynamic else _DynamicAxes(False, False, None)
@@ -195,7 +196,7 @@ def trace_torchscript(
     Raises:
         VerificationError: tracing failed or the traced module's outputs differ from the model's.
     """
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     with _eval_mode(model):
         axes = _dynamic_axes(model, inputs)
         try:
@@ -340,17 +341,6 @@ def _tensor_inputs(inputs: tuple[Any, ...]) -> list[torch.Tensor]:
 
 def _shapes(inputs: tuple[Any, ...]) -> str:
     return ", ".join(str(tuple(x.shape)) for x in _tensor_inputs(inputs))
-
-
-def _as_inputs(example_inputs: torch.Tensor | Sequence[Any]) -> tuple[Any, ...]:
-    if torch.is_tensor(example_inputs):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)) and example_inputs:
-        return tuple(example_inputs)
-    raise InputShapeError(
-        f"example_inputs must be a tensor or a non-empty sequence of inputs, got "
-        f"{type(example_inputs).__name__}"
-    )
 
 
 def _writable_file(path: str | Path) -> Path:

@@ -44,14 +44,14 @@ from spd_rewrite.rules.loader import load_rule_set
 from spd_rewrite.rules.model import Action, Rule, RuleSet
 from spd_rewrite.verify import run_model, verify
 
-__all__ = ["RewriteResult", "rewrite"]
+__all__ = ["RewriteResult", "as_inputs", "rewrite"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class _Rewritten:
-    """What one of the two modes changed, before verification."""
+    """Changes made by one of the two modes, before verification."""
 
     model: nn.Module
     layers: list[LayerRecord]
@@ -104,7 +104,7 @@ def rewrite(
     Raises:
         SpdRewriteError: a subclass naming what failed; see :mod:`spd_rewrite.errors`.
     """
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     rule_set = load_rule_set(rules)
     transfer_mode = _transfer(transfer)
     name = model_name or type(model).__name__
@@ -345,7 +345,8 @@ def _copy(model: nn.Module) -> nn.Module:
         ) from error
 
 
-def _as_inputs(example_inputs: torch.Tensor | Sequence[Any]) -> tuple[Any, ...]:
+def as_inputs(example_inputs: torch.Tensor | Sequence[Any]) -> tuple[Any, ...]:
+    """Return one tensor or a sequence of positional inputs as a tuple of inputs."""
     if torch.is_tensor(example_inputs):
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)) and example_inputs:

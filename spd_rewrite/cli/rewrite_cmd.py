@@ -116,6 +116,11 @@ def rewrite(
     ] = False,
 ) -> None:
     """Rewrite MODEL into SPD form, print the report and optionally save the result."""
+    fuse_mode = None
+    if fuse_all:
+        fuse_mode = "all"
+    elif fuse:
+        fuse_mode = "measure"
     job = RewriteJob(
         model=model,
         input_shape=input_shape,
@@ -128,7 +133,7 @@ def rewrite(
         out=out,
         force=force,
         report_path=report,
-        fuse="all" if fuse_all else "measure" if fuse else None,
+        fuse=fuse_mode,
     )
     _run(job, explain)
 
@@ -147,6 +152,7 @@ def plan(
     explain: Explain = False,
 ) -> None:
     """Run the whole rewrite of MODEL in memory and print the report; write no model."""
+    # The same job as `rewrite` with no --out: RewriteJob's defaults save nothing.
     job = RewriteJob(
         model=model,
         input_shape=input_shape,
@@ -156,8 +162,6 @@ def plan(
         weights=weights,
         trust_pickle=trust_pickle,
         leaf_modules=tuple(leaf or ()),
-        out=None,
-        force=False,
         report_path=report,
     )
     _run(job, explain)

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 class OpKind(StrEnum):
-    """Kinds of op the pass knows."""
+    """Kinds of op the pass recognises."""
 
     CONV = "conv"
     MAX_POOL = "max_pool"

@@ -1,6 +1,6 @@
 """Replacement blocks: one module per replaced op, holding its SPD layer and stride-1 op.
 
-Each block stands where the strided op stood (as a submodule of the same name in ``mode="modules"``,
+Each block takes the place of the strided op (as a submodule of the same name in ``mode="modules"``,
 or as one ``call_module`` node in a graph), so the state dict reads ``<layer>.spd`` and
 ``<layer>.conv``.
 """

@@ -58,7 +58,7 @@ class WindowAxis:
 
 @dataclass(frozen=True)
 class AxisLayout:
-    """How one axis of the SPD + stride-1 replacement is laid out.
+    """Layout of one axis of the SPD + stride-1 replacement.
 
     The SPD layer prepends ``pad_before`` padding elements, then pads or crops the end so that it
     emits ``(size + block_offset) // scale`` blocks. The stride-1 op after it has kernel ``kernel``
@@ -113,8 +113,8 @@ def plan_axis(axis: WindowAxis, kernel: int | None) -> AxisLayout:
         # The op's output size is blocks + 2*padding - kernel + 1; solve for blocks = Hout + c.
         constant = kernel - 1 - 2 * padding
         first_guess = _block_offset(axis, constant)
-        # In ceil mode PyTorch drops a last window that starts in the right padding, which can
-        # shift the output size by one for some sizes modulo the stride; a nearby offset may fit.
+        # In ceil mode PyTorch drops a last window that starts in the right padding. That can
+        # shift the output size by one for some sizes modulo the stride, so try nearby offsets.
         nearby = range(first_guess - scale, first_guess + scale + 1) if axis.ceil_mode else ()
         for block_offset in [first_guess, *(o for o in nearby if o != first_guess)]:
             layout = AxisLayout(scale, kernel, padding, pad_before, block_offset, fits_taps, taps)

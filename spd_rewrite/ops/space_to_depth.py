@@ -11,7 +11,7 @@ SPD with scale ``s`` moves every ``s x s`` block of pixels into channels: an inp
   ``channel = (col_phase*s + row_phase)*C + c``, the first spatial axis varying fastest.
 
 Inputs whose size is not a multiple of the scale are padded (or cropped, where the replaced op never
-reads the last elements) as the layer's ``pad_before`` and ``block_offset`` say; see
+reads the last elements) as the layer's ``pad_before`` and ``block_offset`` set; see
 :mod:`spd_rewrite.ops.geometry`.
 """
 

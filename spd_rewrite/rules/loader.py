@@ -223,17 +223,17 @@ def _parse_rule(raw: dict[str, Any], index: int, locator: _Locator) -> Rule:
     if action is Action.REMOVE and not pools_only:
         raise RuleDefinitionError(
             f"action 'remove' in {label} at {where('action')} applies to pooling only; "
-            "set op = [\"max_pool\", \"avg_pool\"]"
+            'set op = ["max_pool", "avg_pool"]'
         )
     if action is Action.SPD_MAX and ops != (OpKind.MAX_POOL,):
         raise RuleDefinitionError(
             f"action 'spd-max' in {label} at {where('action')} applies to max pooling only; "
-            "set op = [\"max_pool\"]"
+            'set op = ["max_pool"]'
         )
     if order is Order.CONV_FIRST and ops != (OpKind.CONV,):
         raise RuleDefinitionError(
             f"order 'conv-first' in {label} at {where('order')} applies to convs only; "
-            "set op = [\"conv\"]"
+            'set op = ["conv"]'
         )
 
     return Rule(
@@ -274,9 +274,7 @@ def _bool(raw: dict[str, Any], key: str, where: str) -> bool | None:
     return value
 
 
-def _int(
-    raw: dict[str, Any], key: str, where: str, default: int | None, minimum: int = 1
-) -> Any:
+def _int(raw: dict[str, Any], key: str, where: str, default: int | None, minimum: int = 1) -> Any:
     value = raw.get(key, default)
     if value is None:
         return None
@@ -372,5 +370,5 @@ def _kernel(raw: dict[str, Any], where: str) -> KernelChoice:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return KernelChoice("size", value)
     raise RuleDefinitionError(
-        f"invalid kernel {value!r} at {where}; use \"same\", \"compact\" or a size such as 3"
+        f'invalid kernel {value!r} at {where}; use "same", "compact" or a size such as 3'
     )

@@ -26,7 +26,7 @@ MATCHABLE_KINDS = (OpKind.CONV, OpKind.MAX_POOL, OpKind.AVG_POOL)
 
 
 class Action(StrEnum):
-    """What a rule does with a match."""
+    """Action a rule takes on a match."""
 
     SPD_CONV = "spd-conv"  # SPD followed by a stride-1 conv
     SPD_MAX = "spd-max"  # SPD followed by a stride-free max (exact for max pooling)
@@ -35,21 +35,22 @@ class Action(StrEnum):
 
 
 class Order(StrEnum):
-    """Where SPD goes relative to the stride-1 conv."""
+    """Position of SPD relative to the stride-1 conv."""
 
-    SPD_FIRST = "spd-first"  # the paper: SPD, then a conv that keeps the block's output channels
+    # Sunkara & Luo (arXiv 2208.03641): SPD, then a conv that keeps the block's output channels.
+    SPD_FIRST = "spd-first"
     CONV_FIRST = "conv-first"  # the authors' code: stride-1 conv, then SPD; consumers widen
 
 
 class Fallback(StrEnum):
-    """What a conv-first rule does when the widened channels cannot be carried downstream."""
+    """Behaviour of a conv-first rule when the widened channels cannot be carried downstream."""
 
     REFUSE = "refuse"
     SPD_FIRST = "spd-first"
 
 
 class GroupsFilter(StrEnum):
-    """Which convs a rule matches by their groups."""
+    """Filter on a conv's groups."""
 
     ANY = "any"
     DENSE = "dense"  # groups == 1
@@ -65,7 +66,7 @@ class KernelChoice:
     size: int | None = None
 
     def per_axis(self, op: WindowOp) -> list[int | None]:
-        """Return the kernel size per axis; ``None`` asks for the smallest that holds every tap."""
+        """Return the kernel size per axis; ``None`` requests the smallest that fits every tap."""
         if self.mode == "same":
             return list(op.kernel)
         if self.mode == "compact":
@@ -140,9 +141,7 @@ class Rule:
 
 def _is_patchify(op: WindowOp) -> bool:
     """Non-overlapping windows: kernel equals stride on every axis, with no padding or dilation."""
-    return (
-        op.kernel == op.stride and not any(op.padding) and all(d == 1 for d in op.dilation)
-    )
+    return op.kernel == op.stride and not any(op.padding) and all(d == 1 for d in op.dilation)
 
 
 @dataclass(frozen=True)
